@@ -26,6 +26,9 @@ __all__ = [
     'ferplus_features', 'votes_to_target', 'read_label_csv', 'load_ferplus_split', 'load_ferplus',
 ]
 
+# Number of skipped records that are logged one by one before only the count is kept.
+_MAX_LOGGED_SKIPS = 10
+
 # Vote columns of label.csv and fer2013new.csv, in file order.
 FERPLUS_VOTE_NAMES = (
     'neutral', 'happiness', 'surprise', 'sadness', 'anger', 'disgust', 'fear', 'contempt', 'unknown', 'NF',
@@ -41,13 +44,41 @@ class DataError(ValueError):
     """Invalid or unreadable input data; the message names the file, line and fix."""
 
 
-def ferplus_features() -> datasets.Features:
-    """Return the features of every FER+ dataset that this package builds."""
+class SkippedRecords:
+    """Counter of bad records that a loader skips with ``skip_bad=True``.
+
+    The first few skips are logged with their error, later ones only counted, and
+    :meth:`log_summary` logs the total.
+    """
+
+    def __init__(self, source: str):
+        self.source = source
+        self.count = 0
+
+    def skip(self, error: Exception) -> None:
+        self.count += 1
+        if self.count <= _MAX_LOGGED_SKIPS:
+            _logger.warning('Skipping bad record: %s', error)
+        if self.count == _MAX_LOGGED_SKIPS:
+            _logger.warning('%s: further skipped records are only counted.', self.source)
+
+    def log_summary(self) -> None:
+        if self.count:
+            _logger.warning('%s: skipped %d bad records in all.', self.source, self.count)
+
+
+def ferplus_features(label_names: Sequence[str] = FERPLUS_CLASSES) -> datasets.Features:
+    """Return the features of every FER+ dataset that this package builds.
+
+    ``votes`` always contains the 10 FER+ vote counts in :data:`FERPLUS_VOTE_NAMES` order.
+    ``label`` and ``soft_label`` follow ``label_names``, which defaults to
+    :data:`FERPLUS_CLASSES`.
+    """
     return datasets.Features({
         'image': datasets.Image(),
         'votes': datasets.Sequence(datasets.Value('int32'), length=len(FERPLUS_VOTE_NAMES)),
-        'label': datasets.ClassLabel(names=list(FERPLUS_CLASSES)),
-        'soft_label': datasets.Sequence(datasets.Value('float32'), length=len(FERPLUS_CLASSES)),
+        'label': datasets.ClassLabel(names=list(label_names)),
+        'soft_label': datasets.Sequence(datasets.Value('float32'), length=len(label_names)),
         'file_name': datasets.Value('string'),
     })
 
@@ -139,49 +170,84 @@ def _parse_votes(fields: Sequence[str], where: str) -> List[int]:
     return votes
 
 
-def read_label_csv(path: Union[str, os.PathLike]) -> List[Tuple[str, List[int]]]:
+def read_label_csv(path: Union[str, os.PathLike], skip_bad: bool = False) -> List[Tuple[str, List[int]]]:
     """Read a Microsoft ``label.csv``: ``file name, "(left, top, width, height)", 10 votes``.
 
     Returns ``(file name, votes)`` per row. A malformed row raises :class:`DataError`
-    naming the file and line.
+    naming the file and line, or with ``skip_bad=True`` is skipped and counted in the log.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f'{path}: label file not found. A FER+ split folder holds label.csv beside its PNGs.')
-    rows = []
-    with path.open(newline='', encoding='utf-8') as f:
-        for line_no, fields in enumerate(csv.reader(f), start=1):
-            if not fields or all(not x.strip() for x in fields):
-                continue
-            where = f'{path}, line {line_no}'
-            if len(fields) != 2 + len(FERPLUS_VOTE_NAMES):
-                raise DataError(
-                    f'{where}: expected 12 fields (file name, face box, 10 vote counts), found {len(fields)}.'
-                )
-            name = fields[0].strip()
-            if not name:
-                raise DataError(f'{where}: empty file name.')
-            rows.append((name, _parse_votes(fields[2:], where)))
+    skipped = SkippedRecords(str(path))
+    rows = _read_label_rows(Path(path), skipped if skip_bad else None)
+    skipped.log_summary()
     return rows
 
 
-def _read_image_bytes(path: Path) -> bytes:
-    """Read an image file and check that PIL decodes it; raise :class:`DataError` if not."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f'{path}: image listed in label.csv not found.') from None
-    except OSError as e:
-        raise DataError(f'{path}: image could not be read ({e}).') from None
+def _read_label_rows(path: Path, skipped: Optional[SkippedRecords]) -> List[Tuple[str, List[int]]]:
+    """Read ``label.csv`` rows; malformed rows raise, or go to ``skipped`` when it is given."""
+    if not path.is_file():
+        raise DataError(f'{path}: label file not found. A FER+ split folder contains label.csv next to its PNGs.')
+    rows = []
+    with path.open(newline='', encoding='utf-8') as f:
+        reader = csv.reader(f)
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                # The csv module cannot resynchronise after a broken record, so this always raises.
+                raise DataError(f'{path}, line {reader.line_num}: invalid CSV ({e}).') from None
+            except UnicodeDecodeError as e:
+                raise DataError(f'{path}: not a UTF-8 text file ({e}).') from None
+            line_no = reader.line_num
+            if not fields or all(not x.strip() for x in fields):
+                continue
+            try:
+                rows.append(_parse_label_row(fields, f'{path}, line {line_no}'))
+            except DataError as e:
+                if skipped is None:
+                    raise
+                skipped.skip(e)
+    return rows
+
+
+def _parse_label_row(fields: Sequence[str], where: str) -> Tuple[str, List[int]]:
+    if len(fields) != 2 + len(FERPLUS_VOTE_NAMES):
+        raise DataError(
+            f'{where}: expected 12 fields (file name, face box, 10 vote counts), found {len(fields)}.'
+        )
+    name = fields[0].strip()
+    if not name:
+        raise DataError(f'{where}: empty file name.')
+    return name, _parse_votes(fields[2:], where)
+
+
+def check_image_bytes(data: bytes, where: str) -> None:
+    """Decode ``data`` with PIL and raise :class:`DataError` naming ``where`` if that fails."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f'{path}: not a readable image ({e}).') from None
+        raise DataError(f'{where}: not a readable image ({e}).') from None
+
+
+def read_image_bytes(path: Path, listed_in: str = 'label.csv') -> bytes:
+    """Read an image file and check that PIL decodes it; raise :class:`DataError` if not.
+
+    ``listed_in`` names the file that refers to the image, for the not-found message.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f'{path}: image listed in {listed_in} not found.') from None
+    except OSError as e:
+        raise DataError(f'{path}: image could not be read ({e}).') from None
+    check_image_bytes(data, str(path))
     return data
 
 
-def _build_dataset(records: Iterable[Dict], description: str) -> datasets.Dataset:
+def build_dataset(records: Iterable[Dict], description: str) -> datasets.Dataset:
+    """Collect FER+ records (dicts with the keys of :func:`ferplus_features`) into a ``Dataset``."""
     columns = {'image': [], 'votes': [], 'label': [], 'soft_label': [], 'file_name': []}
     for record in records:
         for key in columns:
@@ -202,8 +268,9 @@ def load_ferplus_split(
     Args:
         split_dir: Folder such as ``FER2013Train``.
         label_mode: One of :data:`LABEL_MODES`; images without a valid target are dropped.
-        skip_bad: Skip missing or unreadable images and count them in the log instead of
-            raising :class:`DataError`. Malformed ``label.csv`` rows always raise.
+        skip_bad: Skip malformed ``label.csv`` rows and missing or unreadable images and
+            count them in the log, instead of raising :class:`DataError`. A ``label.csv``
+            that the csv module cannot parse past a broken record still raises.
         max_samples: Keep only the first N usable images (for quick runs).
     """
     if label_mode not in LABEL_MODES:
@@ -211,10 +278,11 @@ def load_ferplus_split(
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
         raise DataError(f'{split_dir}: FER+ split folder not found.')
-    rows = read_label_csv(split_dir / 'label.csv')
+    skipped = SkippedRecords(str(split_dir))
+    rows = _read_label_rows(split_dir / 'label.csv', skipped if skip_bad else None)
 
     def records():
-        n_kept = n_dropped = n_bad = 0
+        n_kept = n_dropped = 0
         for name, votes in rows:
             if max_samples is not None and n_kept >= max_samples:
                 break
@@ -223,12 +291,11 @@ def load_ferplus_split(
                 n_dropped += 1
                 continue
             try:
-                data = _read_image_bytes(split_dir / name)
+                data = read_image_bytes(split_dir / name)
             except DataError as e:
                 if not skip_bad:
                     raise
-                n_bad += 1
-                _logger.warning('Skipping bad image: %s', e)
+                skipped.skip(e)
                 continue
             n_kept += 1
             yield {
@@ -238,12 +305,13 @@ def load_ferplus_split(
                 'soft_label': target.tolist(),
                 'file_name': name,
             }
+        skipped.log_summary()
         _logger.info(
-            '%s: %d images kept, %d without a %s label, %d unreadable skipped.',
-            split_dir, n_kept, n_dropped, label_mode, n_bad,
+            '%s: %d images kept, %d without a %s label, %d bad records skipped.',
+            split_dir, n_kept, n_dropped, label_mode, skipped.count,
         )
 
-    return _build_dataset(records(), f'FER+ {split_dir.name}, label mode {label_mode}')
+    return build_dataset(records(), f'FER+ {split_dir.name}, label mode {label_mode}')
 
 
 def load_ferplus(

@@ -14,11 +14,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from timm.data import create_transform
 from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
 __all__ = [
-    'BatchAugment', 'FaceEvalTransform', 'create_eval_transform', 'image_mode_for', 'normalize',
+    'PHOTOMETRIC_OPS', 'BatchAugment', 'FaceEvalTransform', 'create_eval_transform', 'image_mode_for', 'normalize',
     'to_model_mode',
 ]
 
@@ -30,6 +30,9 @@ _INTERPOLATION = {
     'box': InterpolationMode.BOX,
     'hamming': InterpolationMode.HAMMING,
 }
+
+# Photometric operations of BatchAugment, applied in this order when drawn.
+PHOTOMETRIC_OPS = ('brightness', 'contrast', 'gamma', 'sharpness', 'posterize')
 
 
 def image_mode_for(input_size: Sequence[int]) -> str:
@@ -66,42 +69,56 @@ def to_model_mode(img: Image.Image, mode: str) -> Image.Image:
 class FaceEvalTransform:
     """Evaluation transform of a face model, ending in a uint8 ``(C, H, W)`` tensor.
 
-    Follows timm's evaluation transform for the same data config (resize the shorter
-    side to ``size / crop_pct``, center crop to ``size``) after converting the image to
-    the model's colour mode. :func:`normalize` completes it.
+    Converts the image to the model's colour mode, then applies timm's own evaluation
+    resize and crop for the same settings (``timm.data.create_transform`` with
+    ``use_prefetcher=True``). In timm's default ``center`` crop mode, that resizes the
+    shorter side to ``size / crop_pct`` and center crops to ``size``. :func:`normalize`
+    completes it.
     """
 
-    def __init__(self, input_size: Sequence[int], interpolation: str = 'bilinear', crop_pct: float = 1.0):
+    def __init__(
+            self,
+            input_size: Sequence[int],
+            interpolation: str = 'bilinear',
+            crop_pct: Optional[float] = 1.0,
+            crop_mode: Optional[str] = None,
+            mean: Optional[Sequence[float]] = None,
+    ):
         if interpolation not in _INTERPOLATION:
             raise ValueError(f'Unknown interpolation {interpolation!r}; use one of {sorted(_INTERPOLATION)}.')
         self.mode = image_mode_for(input_size)
         self.size = (int(input_size[1]), int(input_size[2]))
         self.interpolation = _INTERPOLATION[interpolation]
-        self.crop_pct = float(crop_pct)
+        # timm uses its default crop_pct (0.875) when crop_pct is None.
+        self.crop_pct = crop_pct
+        self.crop_mode = crop_mode
+        extra = {} if mean is None else {'mean': tuple(mean)}
+        self.resize_crop = create_transform(
+            tuple(input_size), is_training=False, interpolation=interpolation, crop_pct=crop_pct,
+            crop_mode=crop_mode, use_prefetcher=True, **extra,
+        )
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        img = to_model_mode(img, self.mode)
-        if self.size[0] == self.size[1]:
-            scale_size = math.floor(self.size[0] / self.crop_pct)
-            img = TF.resize(img, scale_size, interpolation=self.interpolation)
-        else:
-            scale_size = tuple(math.floor(s / self.crop_pct) for s in self.size)
-            img = TF.resize(img, list(scale_size), interpolation=self.interpolation)
-        img = TF.center_crop(img, list(self.size))
-        return TF.pil_to_tensor(img)
+        return self.resize_crop(to_model_mode(img, self.mode))
 
     def __repr__(self) -> str:
         return (f'{type(self).__name__}(mode={self.mode}, size={self.size}, '
-                f'interpolation={self.interpolation.value}, crop_pct={self.crop_pct})')
+                f'interpolation={self.interpolation.value}, crop_pct={self.crop_pct}, crop_mode={self.crop_mode})')
 
 
 def create_eval_transform(data_config: Dict) -> FaceEvalTransform:
     """Build the uint8 evaluation transform from a timm data config
-    (``timm.data.resolve_data_config(model=model)``)."""
+    (``timm.data.resolve_data_config(model=model)``).
+
+    Its output, after :func:`normalize`, equals ``timm.data.create_transform(**data_config)``
+    on the same image converted to the model's colour mode.
+    """
     return FaceEvalTransform(
         data_config['input_size'],
         interpolation=data_config.get('interpolation', 'bilinear'),
-        crop_pct=data_config.get('crop_pct', 1.0),
+        crop_pct=data_config.get('crop_pct'),
+        crop_mode=data_config.get('crop_mode'),
+        mean=data_config.get('mean'),
     )
 
 
@@ -116,12 +133,18 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
 class BatchAugment(nn.Module):
     """Face augmentation for a whole batch at once, with a separate draw per sample.
 
-    Steps, in order: one affine warp that combines a random crop (``scale`` of the area,
-    aspect ``ratio``), a horizontal flip with probability ``hflip`` and a rotation of up
-    to ``rotate`` degrees; ``ra_num_ops`` photometric operations of RandAugment-style
-    magnitude ``ra_magnitude`` (out of 10) drawn from brightness, contrast, gamma,
-    sharpness and posterize-like quantisation; normalisation; random erasing with
-    probability ``erase_prob`` of one rectangle filled with noise.
+    Steps, in order:
+
+    1. One affine warp that combines a random crop (``scale`` of the area, aspect
+       ``ratio``), a horizontal flip with probability ``hflip`` and a rotation of up to
+       ``rotate`` degrees. With ``scale`` and ``ratio`` fixed at 1 and no rotation, the
+       warp is an exact flip.
+    2. ``ra_num_ops`` photometric operations of RandAugment-style magnitude
+       ``ra_magnitude`` (out of 10), drawn with replacement from ``ra_ops``. The default
+       is all of :data:`PHOTOMETRIC_OPS`: brightness, contrast, gamma, sharpness and
+       posterize-like quantisation.
+    3. Normalisation with ``mean`` and ``std``.
+    4. Random erasing, with probability ``erase_prob``, of one rectangle filled with noise.
 
     Input: uint8 ``(B, C, H, W)``. Output: normalised float ``(B, C, H, W)``.
     """
@@ -138,8 +161,12 @@ class BatchAugment(nn.Module):
             ra_magnitude: float = 5.0,
             erase_prob: float = 0.25,
             erase_scale: Tuple[float, float] = (0.02, 0.25),
+            ra_ops: Sequence[str] = PHOTOMETRIC_OPS,
     ):
         super().__init__()
+        unknown = [op for op in ra_ops if op not in PHOTOMETRIC_OPS]
+        if unknown or not ra_ops:
+            raise ValueError(f'ra_ops must be a non-empty subset of {PHOTOMETRIC_OPS}, got {tuple(ra_ops)}.')
         self.mean = tuple(mean)
         self.std = tuple(std)
         self.scale = scale
@@ -150,10 +177,15 @@ class BatchAugment(nn.Module):
         self.ra_magnitude = ra_magnitude
         self.erase_prob = erase_prob
         self.erase_scale = erase_scale
+        self.ra_ops = tuple(ra_ops)
 
     def _warp(self, x: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
         dev = x.device
+        if tuple(self.scale) == (1.0, 1.0) and tuple(self.ratio) == (1.0, 1.0) and self.rotate == 0:
+            # The warp can only flip, and grid_sample would add rounding error to an exact flip.
+            flip = (torch.rand(B, device=dev) < self.hflip).view(B, 1, 1, 1)
+            return torch.where(flip, x.flip(-1), x)
         area = torch.empty(B, device=dev).uniform_(*self.scale)
         log_ratio = torch.empty(B, device=dev).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]))
         aspect = torch.exp(log_ratio)
@@ -172,37 +204,41 @@ class BatchAugment(nn.Module):
         return F.grid_sample(x, grid, mode='bilinear', padding_mode='reflection', align_corners=False)
 
     def _photometric(self, x: torch.Tensor) -> torch.Tensor:
-        # x in [0, 1]. Each sample receives ra_num_ops operations drawn with replacement.
+        # x in [0, 1]. Each sample receives ra_num_ops operations drawn with replacement from ra_ops.
         B = x.shape[0]
         dev = x.device
         strength = self.ra_magnitude / 10.0
-        num_kinds = 5
+        num_kinds = len(self.ra_ops)
         counts = torch.zeros(B, num_kinds, device=dev)
         for _ in range(self.ra_num_ops):
             counts += F.one_hot(torch.randint(0, num_kinds, (B,), device=dev), num_kinds).float()
-        use = (counts > 0).float()[:, :, None, None, None]
+        drawn = (counts > 0).float()[:, :, None, None, None]
+        use = {op: drawn[:, self.ra_ops.index(op)] for op in self.ra_ops}
 
         sign = lambda: torch.where(torch.rand(B, 1, 1, 1, device=dev) < 0.5, -1.0, 1.0)  # noqa: E731
-        # Brightness.
-        factor = 1.0 + sign() * 0.9 * strength * torch.rand(B, 1, 1, 1, device=dev)
-        x = torch.lerp(x, x * factor, use[:, 0])
-        # Contrast around the per-image mean.
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        factor = 1.0 + sign() * 0.9 * strength * torch.rand(B, 1, 1, 1, device=dev)
-        x = torch.lerp(x, (x - mean) * factor + mean, use[:, 1])
-        # Gamma.
-        gamma = torch.exp(sign() * 0.7 * strength * torch.rand(B, 1, 1, 1, device=dev))
-        x = torch.lerp(x, x.clamp(min=1e-6) ** gamma, use[:, 2])
-        # Sharpness: blend with a blurred copy.
-        kernel = torch.tensor([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]], device=dev) / 13.0
-        kernel = kernel.expand(x.shape[1], 1, 3, 3)
-        blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode='replicate'), kernel, groups=x.shape[1])
-        factor = 1.0 + sign() * 0.9 * strength * torch.rand(B, 1, 1, 1, device=dev)
-        x = torch.lerp(x, blurred + (x - blurred) * factor, use[:, 3])
-        # Quantisation to fewer grey levels (posterize).
-        bits = 8 - torch.round(4 * strength * torch.rand(B, 1, 1, 1, device=dev))
-        levels = 2.0 ** bits
-        x = torch.lerp(x, torch.floor(x.clamp(0, 1) * (levels - 1) + 0.5) / (levels - 1), use[:, 4])
+        if 'brightness' in use:
+            factor = 1.0 + sign() * 0.9 * strength * torch.rand(B, 1, 1, 1, device=dev)
+            x = torch.lerp(x, x * factor, use['brightness'])
+        if 'contrast' in use:
+            # Contrast around the per-image mean.
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            factor = 1.0 + sign() * 0.9 * strength * torch.rand(B, 1, 1, 1, device=dev)
+            x = torch.lerp(x, (x - mean) * factor + mean, use['contrast'])
+        if 'gamma' in use:
+            gamma = torch.exp(sign() * 0.7 * strength * torch.rand(B, 1, 1, 1, device=dev))
+            x = torch.lerp(x, x.clamp(min=1e-6) ** gamma, use['gamma'])
+        if 'sharpness' in use:
+            # Blend with a blurred copy.
+            kernel = torch.tensor([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]], device=dev) / 13.0
+            kernel = kernel.expand(x.shape[1], 1, 3, 3)
+            blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode='replicate'), kernel, groups=x.shape[1])
+            factor = 1.0 + sign() * 0.9 * strength * torch.rand(B, 1, 1, 1, device=dev)
+            x = torch.lerp(x, blurred + (x - blurred) * factor, use['sharpness'])
+        if 'posterize' in use:
+            # Quantisation to fewer grey levels.
+            bits = 8 - torch.round(4 * strength * torch.rand(B, 1, 1, 1, device=dev))
+            levels = 2.0 ** bits
+            x = torch.lerp(x, torch.floor(x.clamp(0, 1) * (levels - 1) + 0.5) / (levels - 1), use['posterize'])
         return x.clamp_(0.0, 1.0)
 
     def _erase(self, x: torch.Tensor) -> torch.Tensor:

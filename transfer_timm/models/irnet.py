@@ -36,12 +36,12 @@ class SqueezeExcite(nn.Module):
 
 
 class IRStem(nn.Module):
-    """Input layer of IR networks: 3x3 conv at stride 1, BN, PReLU."""
+    """Input layer of IR networks: 3x3 conv (stride 1 in face.evoLVe's networks), BN, PReLU."""
 
-    def __init__(self, in_chans: int = 3, out_chs: int = 64, device=None, dtype=None):
+    def __init__(self, in_chans: int = 3, out_chs: int = 64, stride: int = 1, device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        self.conv = nn.Conv2d(in_chans, out_chs, 3, 1, 1, bias=False, **dd)
+        self.conv = nn.Conv2d(in_chans, out_chs, 3, stride, 1, bias=False, **dd)
         self.bn = nn.BatchNorm2d(out_chs, **dd)
         self.act = nn.PReLU(out_chs, **dd)
 
@@ -152,6 +152,27 @@ class EmbeddingHead(nn.Module):
         return x if pre_logits else self.fc(x)
 
 
+class PrunedHead(nn.Module):
+    """Head that ``prune_intermediate_layers`` leaves: it returns the last kept feature map.
+
+    The embedding layer is sized for the last stage's map, so it cannot follow a pruned net.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Identity()
+
+    def reset(self, num_classes: int, device=None, dtype=None):
+        if num_classes > 0:
+            raise RuntimeError(
+                f'Cannot add a {num_classes}-class classifier to a pruned IRNet because pruning removed '
+                f'the embedding layer. Create the model again to classify.'
+            )
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x
+
+
 class IRNet(nn.Module):
     """IR face backbone with the timm model interface.
 
@@ -238,8 +259,8 @@ class IRNet(nn.Module):
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        self.head.reset(num_classes, device=self.stem.conv.weight.device, dtype=self.stem.conv.weight.dtype)
         self.num_classes = num_classes
-        self.head.reset(num_classes, device=self.head.embed.weight.device, dtype=self.head.embed.weight.dtype)
 
     def forward_intermediates(
             self,
@@ -293,7 +314,7 @@ class IRNet(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
         self.stages = self.stages[:max_index]
         if prune_head:
-            self.head = nn.Identity()
+            self.head = PrunedHead()
             self.num_classes = 0
         return take_indices
 
@@ -383,11 +404,15 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: IRNet) -> D
             f'Check that the checkpoint matches the architecture (depths {[len(s) for s in model.stages]}).'
         )
     for key, value in out.items():
-        if key in target and target[key].shape != value.shape:
-            raise ValueError(
-                f'IR checkpoint tensor {key!r} has shape {tuple(value.shape)}, the model expects '
-                f'{tuple(target[key].shape)}. The embedding layer depends on img_size (112 for face.evoLVe).'
-            )
+        if key not in target or target[key].shape == value.shape:
+            continue
+        if key == 'stem.conv.weight' and value.shape[0] == target[key].shape[0] \
+                and value.shape[2:] == target[key].shape[2:]:
+            continue  # only the input channels differ, and timm's load_pretrained adapts them after this filter
+        raise ValueError(
+            f'IR checkpoint tensor {key!r} has shape {tuple(value.shape)}, the model expects '
+            f'{tuple(target[key].shape)}. The embedding layer depends on img_size (112 for face.evoLVe).'
+        )
     return out
 
 

@@ -21,10 +21,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._manipulate import adapt_input_conv
 
 from .irnet import IRStem, checkpoint_filter_fn as ir_checkpoint_filter_fn, make_ir_stages
 from .layers import LANet, Mlp, MSADAttention, MultiAttentionDropping
@@ -84,6 +86,7 @@ class TransFER(nn.Module):
             num_classes: int = 8,
             global_pool: str = 'token',
             stem_width: int = 64,
+            stem_stride: int = 1,
             stem_depths: Sequence[int] = (3, 4, 14),
             stem_widths: Sequence[int] = (64, 128, 256),
             num_lanets: int = 2,
@@ -111,6 +114,7 @@ class TransFER(nn.Module):
             num_classes: Classifier outputs (8 FER+ expressions); 0 removes the classifier.
             global_pool: 'token' (class token, as the paper) or 'avg' (mean of patch tokens).
             stem_width: Channels of the IR input layer.
+            stem_stride: Stride of the IR input layer (1 in IR-50; 2 halves the cost of small variants).
             stem_depths: IR units per stem stage; each stage halves the resolution.
             stem_widths: Output channels per stem stage.
             num_lanets: Number of LANets, N in the paper.
@@ -136,7 +140,7 @@ class TransFER(nn.Module):
             raise ValueError(f'TransFER needs at least one LANet, got num_lanets={num_lanets}.')
         dd = dict(device=device, dtype=dtype)
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        reduction = 2 ** len(stem_depths)
+        reduction = stem_stride * 2 ** len(stem_depths)
         if img_size[0] % reduction or img_size[1] % reduction:
             raise ValueError(f'img_size {img_size} must be divisible by the stem reduction {reduction}.')
 
@@ -150,7 +154,7 @@ class TransFER(nn.Module):
         self.grad_checkpointing = False
 
         # CNN stem, named as in IRNet so that IR checkpoints load into it.
-        self.stem = IRStem(in_chans, stem_width, **dd)
+        self.stem = IRStem(in_chans, stem_width, stride=stem_stride, **dd)
         self.stages = make_ir_stages(stem_width, stem_depths, stem_widths, **dd)
         stem_chs = stem_widths[-1]
 
@@ -278,7 +282,8 @@ class TransFER(nn.Module):
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
         for i, block in enumerate(blocks):
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint_seq(block, x)
+                # checkpoint_seq takes a sequence of modules, not a single block.
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
             if i in take_indices:
@@ -358,6 +363,10 @@ def load_ir_stem(model: TransFER, state_dict: Dict[str, torch.Tensor]) -> List[s
             if k.startswith('input_layer.') or (k.startswith('body.') and int(k.split('.')[1]) < n_stem_units)
         }
         state_dict = ir_checkpoint_filter_fn(kept, _StemOnly(model))
+    stem_weight = state_dict.get('stem.conv.weight')
+    if stem_weight is not None and stem_weight.shape[1] != model.stem.conv.in_channels:
+        # Grayscale or other input: fold the RGB filters as timm does for first convs.
+        state_dict = dict(state_dict, **{'stem.conv.weight': adapt_input_conv(model.stem.conv.in_channels, stem_weight)})
     loaded = {}
     for key, value in model.state_dict().items():
         if not key.startswith(('stem.', 'stages.')):
