@@ -69,6 +69,7 @@ def parse_args(argv=None):
                         help='MAD drop probability for TransFER models. Default: the model\'s own (0.6).')
     parser.add_argument('--msad_p', type=float, default=None,
                         help='MSAD drop probability for TransFER models. Default: the model\'s own (0.3).')
+
     # Data.
     data = parser.add_argument_group('data (at most one source; none trains on the bundled sample)')
     data.add_argument('--data_dir', default=None,
@@ -91,6 +92,7 @@ def parse_args(argv=None):
                       help='Skip unreadable images and count them in the log instead of stopping with an error.')
     data.add_argument('--max_train_samples', type=int, default=None, help='Use only the first N training images.')
     data.add_argument('--max_eval_samples', type=int, default=None, help='Use only the first N validation images.')
+
     # Augmentation.
     aug = parser.add_argument_group('augmentation')
     aug.add_argument('--crop_scale', type=float, nargs=2, default=(0.8, 1.0),
@@ -101,6 +103,7 @@ def parse_args(argv=None):
                      help='Number of photometric RandAugment-style operations and their magnitude out of 10.')
     aug.add_argument('--random_erasing', type=float, default=0.25, help='Probability of erasing one rectangle.')
     aug.add_argument('--label_smoothing', type=float, default=0.0, help='Label smoothing of the majority loss.')
+
     # Optimisation.
     opt = parser.add_argument_group('optimisation')
     opt.add_argument('--epochs', type=int, default=3, help='Number of training epochs.')
@@ -132,6 +135,7 @@ def parse_args(argv=None):
                           'several processes started by torchrun then train together over gloo.')
     opt.add_argument('--compile', action='store_true', help='Compile the model with torch.compile (CUDA mostly).')
     opt.add_argument('--seed', type=int, default=42, help='Random seed for initialisation, shuffling and augmentation.')
+
     # Checkpoints and output.
     out = parser.add_argument_group('checkpoints and output')
     out.add_argument('--output_dir', default='outputs/finetune_ferplus', help='Folder for checkpoints and the export.')
@@ -146,6 +150,7 @@ def parse_args(argv=None):
     out.add_argument('--eval_only', action='store_true',
                      help='Only evaluate --model on the validation split, write OUTPUT_DIR/eval_results.json and exit.')
     out.add_argument('--log_every', type=int, default=50, help='Log the training loss every N optimizer steps.')
+
     args = parser.parse_args(argv)
     if sum(x is not None for x in (args.data_dir, args.fer2013_csv, args.dataset)) > 1:
         parser.error('Give at most one of --data_dir, --fer2013_csv/--ferplus_csv and --dataset.')
@@ -275,7 +280,7 @@ def find_checkpoint(args) -> Path:
 def main(argv=None):
     args = parse_args(argv)
     start_time = time.time()
-    # Accelerate forms a multi-process CPU group only when told to use the CPU.
+    # Accelerate forms a multi-process CPU group only when it is set to use the CPU.
     use_cpu = args.cpu or not torch.cuda.is_available()
     accelerator = Accelerator(
         cpu=use_cpu,

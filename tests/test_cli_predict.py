@@ -161,7 +161,8 @@ def test_parser_subcommands_and_defaults():
     args = parser.parse_args(['export-onnx', 'transfer_tiny', 'out.onnx', '--check'])
     assert args.check
     assert callable(args.handler)
-    assert len(SUBCOMMANDS) == 2
+    assert [f.__name__ for f in SUBCOMMANDS] == [
+        'add_predict_parser', 'add_export_onnx_parser', 'add_evaluate_parser', 'add_convert_parser']
 
 
 def test_predict_help_lists_options(capsys):

@@ -110,7 +110,8 @@ def test_resume_latest_ignores_incomplete(tmp_path):
     (broken / 'training_state.json').unlink()
     result = run_example('--epochs', '2', '--max_train_samples', '64', '--max_eval_samples', '16',
                          '--output_dir', out, '--resume_from_checkpoint', 'latest')
-    assert 'Resumed from' in result.stderr and 'step_1 at epoch 1' in result.stderr
+    assert 'Resumed from' in result.stderr
+    assert 'step_1 at epoch 1' in result.stderr
 
 
 def test_single_sample_last_batch_with_batchnorm1d(tmp_path):

@@ -126,7 +126,7 @@ def test_clip_box_cases():
 
 def test_load_model_plain_name_warns():
     with pytest.warns(UserWarning, match='randomly initialised'):
-        model = load_model('transfer_tiny')
+        model = load_model('transfer_ir50')
     assert model.num_classes == 8
 
 

@@ -210,8 +210,10 @@ class BatchAugment(nn.Module):
         strength = self.ra_magnitude / 10.0
         num_kinds = len(self.ra_ops)
         counts = torch.zeros(B, num_kinds, device=dev)
+        kinds = torch.arange(num_kinds, device=dev)
         for _ in range(self.ra_num_ops):
-            counts += F.one_hot(torch.randint(0, num_kinds, (B,), device=dev), num_kinds).float()
+            # A comparison instead of F.one_hot, whose range check synchronises with a GPU.
+            counts += (torch.randint(0, num_kinds, (B, 1), device=dev) == kinds).float()
         drawn = (counts > 0).float()[:, :, None, None, None]
         use = {op: drawn[:, self.ra_ops.index(op)] for op in self.ra_ops}
 

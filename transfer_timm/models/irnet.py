@@ -444,6 +444,7 @@ default_cfgs = generate_default_cfgs({
     'ir50': _cfg(),
     'ir100': _cfg(),
     'ir_se50': _cfg(),
+    'ir_tiny': _cfg(input_size=(1, 48, 48), pool_size=(6, 6), mean=(0.5,), std=(0.5,)),
 })
 
 
@@ -480,3 +481,15 @@ def ir_se50(pretrained: bool = False, **kwargs) -> IRNet:
     """IR-SE-50 face backbone: IR-50 with squeeze-excitation in every unit."""
     model_args = dict(depths=(3, 4, 14, 3), use_se=True)
     return _create_irnet('ir_se50', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ir_tiny(pretrained: bool = False, **kwargs) -> IRNet:
+    """Narrow 3-stage IR network for 48x48 grayscale faces: the CNN stem of ``transfer_tiny``.
+
+    Its stem and stages (16-channel input layer, 1/1/2 units of widths 24/48/128) match
+    ``transfer_tiny`` exactly, so a trained ``ir_tiny`` initialises that model's stem
+    through ``load_ir_stem``.
+    """
+    model_args = dict(depths=(1, 1, 2), widths=(24, 48, 128), stem_width=16, in_chans=1, img_size=48)
+    return _create_irnet('ir_tiny', pretrained, **dict(model_args, **kwargs))

@@ -203,7 +203,7 @@ class TransFER(nn.Module):
         self._zero_head()
 
     def _zero_head(self):
-        # The classifier starts at zero, as in the authors' code, so initial logits are uniform.
+        # The classifier starts at zero, so the initial logits are uniform over the classes.
         if isinstance(self.head, nn.Linear):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
@@ -420,6 +420,12 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
 default_cfgs = generate_default_cfgs({
     'transfer_ir50': _cfg(),
     'transfer_tiny': _cfg(input_size=(1, 48, 48), mean=(0.5,), std=(0.5,)),
+    # Trained on FER2013Train (FER+ majority labels) and selected on FER2013Valid; see the
+    # model card in releases/transfer_tiny.ferplus for the recipe and figures.
+    'transfer_tiny.ferplus': _cfg(
+        hf_hub_id='transfer-timm/transfer_tiny.ferplus',
+        input_size=(1, 48, 48), mean=(0.5,), std=(0.5,),
+    ),
 })
 
 

@@ -1,6 +1,6 @@
 """Export folders that timm loads with ``local-dir:`` and that match a Hub model repo.
 
-An export folder holds ``model.safetensors``, ``config.json`` (timm's format: the
+An export folder contains ``model.safetensors``, ``config.json`` (timm's format: the
 architecture, model arguments and pretrained cfg with ``label_names``), ``README.md``
 (a model card with Hub front matter) and ``confusion_matrix.png``.
 """
