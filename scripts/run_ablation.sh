@@ -32,8 +32,8 @@ for mad, msad in (('0.6', '0.3'), ('0.0', '0.3'), ('0.6', '0.0'), ('0.0', '0.0')
         command=f'scripts/run_ablation.sh {stem} {out} {epochs} {samples}',
         description=(f'Short runs on the first {samples} FER2013Train images for {epochs} epochs, from the same '
                      f'FER+-pretrained stem and seed, differing only in the MAD and MSAD drop probabilities; '
-                     f'best-epoch majority-vote accuracy on all of FER2013Valid. One seed each: differences '
-                     f'below about one point are within run-to-run noise.'),
+                     f'best-epoch majority-vote accuracy on all of FER2013Valid. One seed each; run-to-run '
+                     f'variance was not measured, so small differences may be noise.'),
     ))
 (out / 'ablation.json').write_text(json.dumps(records, indent=2) + '\n')
 print(json.dumps(records, indent=2))

@@ -96,7 +96,7 @@ def render_model_card(
     body = [
         f'# {model_name}',
         '',
-        'Facial expression recognition model from [transfer-timm](https://pypi.org/project/transfer-timm/), '
+        'Facial expression recognition model from transfer-timm, '
         'a TransFER implementation (Xue, Wang and Guo, ICCV 2021, arXiv 2108.11116) for timm.',
         '',
         f'Classes, in output order: {", ".join(label_names)}.',
