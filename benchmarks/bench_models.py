@@ -225,7 +225,9 @@ def matmul_gflops(size: int, dtype: torch.dtype, device: torch.device, iters: in
     """Time a square ``size`` x ``size`` matmul and return its GFLOP/s (2 n^3 FLOPs per product)."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    seconds = seconds_per_iteration(lambda: torch.mm(a, b), max(iters, 3), max(warmup, 1), device)
+    # At least 3 warm-up and 10 timed products: with fewer, the first-call cost of the BLAS
+    # library showed up as a reference less than half of later measurements.
+    seconds = seconds_per_iteration(lambda: torch.mm(a, b), max(iters, 10), max(warmup, 3), device)
     return 2.0 * size ** 3 / seconds / 1e9
 
 
