@@ -26,6 +26,7 @@ PARAM_COUNTS = {
     'ir50': 43_574_976,
     'ir100': 65_129_792,
     'ir_se50': 43_797_696,
+    'ir_tiny': 2_908_184,
 }
 
 FERPLUS_ORDER = ('neutral', 'happiness', 'surprise', 'sadness', 'anger', 'disgust', 'fear', 'contempt')
@@ -237,6 +238,9 @@ def test_features_only(name):
     if is_transfer(name):
         assert channels == [model.embed_dim] * len(model.blocks)
         assert reductions == [8] * len(model.blocks)
+    elif name == 'ir_tiny':
+        assert channels == [16, 24, 48, 128]
+        assert reductions == [1, 2, 4, 8]
     else:
         assert channels == [64, 64, 128, 256, 512]
         assert reductions == [1, 2, 4, 8, 16]
