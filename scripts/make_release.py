@@ -57,7 +57,7 @@ Limits:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Build a release folder from a training run of '
                                                  'examples/finetune_ferplus.py.')
-    parser.add_argument('run_dir', type=Path, help='Output folder of the training run (holds export/ and results.json).')
+    parser.add_argument('run_dir', type=Path, help='Output folder of the training run, containing export/ and results.json.')
     parser.add_argument('release_dir', type=Path, help='Release folder to create; replaced if it exists.')
     parser.add_argument('--tag', required=True, help='Registered name.tag of the release, e.g. transfer_tiny.ferplus.')
     parser.add_argument('--hf-hub-id', required=True, help='Hub model repo that the tag loads from.')

@@ -330,14 +330,14 @@ def load_ferplus(
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f'{data_dir}: FER+ data folder not found.')
-    wanted = list(splits) if splits is not None else [s for s, d in SPLIT_FOLDERS.items() if (data_dir / d).is_dir()]
-    if not wanted:
+    requested = list(splits) if splits is not None else [s for s, d in SPLIT_FOLDERS.items() if (data_dir / d).is_dir()]
+    if not requested:
         raise DataError(
             f'{data_dir}: no FER+ split folder found; expected one of {sorted(SPLIT_FOLDERS.values())} '
             f'each holding label.csv and the PNGs.'
         )
     out = {}
-    for split in wanted:
+    for split in requested:
         if split not in SPLIT_FOLDERS:
             raise ValueError(f'Unknown split {split!r}; use one of {sorted(SPLIT_FOLDERS)}.')
         folder = data_dir / SPLIT_FOLDERS[split]

@@ -16,7 +16,6 @@ IR-50 stem, 2 LANets, 8 blocks of width 768 with 8 heads and MLP ratio 3). The c
 variants keep the LANet/MAD/MSAD design with a smaller stem and encoder for CPU use on
 native 48x48 FER+ faces.
 """
-import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
@@ -350,9 +349,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: TransFER) -
 def load_ir_stem(model: TransFER, state_dict: Dict[str, torch.Tensor]) -> List[str]:
     """Load the CNN stem of ``model`` from an IR checkpoint (face.evoLVe or IRNet names).
 
-    Only the input layer and the first ``sum(stem_depths)`` units are taken, so a full
-    IR-50 checkpoint fills the stem of ``transfer_ir50``; its fourth stage and embedding
-    layer are ignored. Returns the loaded keys. Raises ``KeyError`` naming a stem tensor
+    Only the input layer and the first ``sum(stem_depths)`` units are taken. A full IR-50
+    checkpoint therefore fills the stem of ``transfer_ir50``, and its fourth stage and
+    embedding layer are ignored. Returns the loaded keys. Raises ``KeyError`` naming a stem tensor
     that the checkpoint lacks.
     """
     state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
