@@ -63,7 +63,7 @@ def parse_args(argv=None):
                         help='IR checkpoint (face.evoLVe .pth or IRNet safetensors) whose input layer and first '
                              'units initialise the CNN stem of a TransFER model, e.g. an MS-Celeb-1M IR-50.')
     parser.add_argument('--in_chans', type=int, default=None,
-                        help='Input channels: 1 feeds grayscale faces, 3 feeds RGB. Default: the model\'s pretrained cfg.')
+                        help='Input channels: 1 feeds grayscale faces, 3 feeds RGB. None keeps the model\'s pretrained cfg.')
     parser.add_argument('--drop_path_rate', type=float, default=0.1, help='Stochastic depth rate of the model.')
     parser.add_argument('--mad_p', type=float, default=None,
                         help='MAD drop probability for TransFER models. Default: the model\'s own (0.6).')
@@ -73,7 +73,8 @@ def parse_args(argv=None):
     # Data.
     data = parser.add_argument_group('data (at most one source; none trains on the bundled sample)')
     data.add_argument('--data_dir', default=None,
-                      help='FER+ folder in Microsoft\'s layout, holding FER2013Train and FER2013Valid.')
+                      help='FER+ folder in Microsoft\'s layout, containing FER2013Train and FER2013Valid. Without any '
+                           'data option the bundled sample in examples/data/ferplus_sample is used.')
     data.add_argument('--fer2013_csv', default=None,
                       help='Kaggle fer2013.csv; needs --ferplus_csv with Microsoft\'s fer2013new.csv.')
     data.add_argument('--ferplus_csv', default=None, help='Microsoft\'s fer2013new.csv that goes with --fer2013_csv.')
@@ -491,4 +492,15 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    from transfer_timm.data import DataError
+    try:
+        main()
+    except DataError as e:
+        # Bad rows and images can be skipped; a missing folder cannot.
+        skippable = ', line ' in str(e) or 'image' in str(e)
+        hint = ' Pass --skip_bad_images to skip unreadable images and malformed rows.' if skippable else ''
+        logger.error('%s%s', e, hint)
+        sys.exit(1)
+    except (FileNotFoundError, KeyError) as e:
+        logger.error('%s', e)
+        sys.exit(1)

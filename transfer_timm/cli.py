@@ -201,7 +201,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     try:
         metrics = evaluate_split(args.model, args.data_dir, label_mode=args.label_mode, batch_size=args.batch_size,
                                  device=args.device, skip_bad=args.skip_bad)
-    except (DataError, ValueError, RuntimeError, OSError) as e:
+    except DataError as e:
+        # Bad rows and images can be skipped; a missing folder cannot.
+        skippable = ', line ' in str(e) or 'image' in str(e)
+        return _fail(f'{e} Pass --skip-bad to skip unreadable images and malformed rows.' if skippable else str(e))
+    except (ValueError, RuntimeError, OSError) as e:
         return _fail(str(e))
     print(json.dumps(metrics, indent=2))
     return 0
