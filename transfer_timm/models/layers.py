@@ -31,7 +31,7 @@ class LANet(nn.Module):
     """Local attention network: predicts one spatial attention map from a feature map.
 
     Two 1x1 convolutions squeeze ``in_chs`` channels to ``in_chs // reduction`` and then
-    to one channel; the sigmoid output lies in (0, 1) and marks the facial regions that
+    to one channel. The sigmoid output lies in (0, 1) and marks the facial regions that
     this branch attends to (TransFER, Section 3.2).
     """
 

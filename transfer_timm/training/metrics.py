@@ -26,8 +26,8 @@ def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int
 def metrics_from_confusion(matrix: torch.Tensor, label_names: Sequence[str]) -> Dict:
     """Return accuracy, mean class accuracy, per-class recall and the matrix as plain Python values.
 
-    ``mean_class_accuracy`` averages the recall of the classes that occur in the labels;
-    a class without samples has recall None and is left out of the mean.
+    ``mean_class_accuracy`` averages the recall of the classes that occur in the labels.
+    A class without samples has recall None and is left out of the mean.
     """
     matrix = matrix.long()
     n = int(matrix.sum())
