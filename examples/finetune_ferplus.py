@@ -134,6 +134,10 @@ def parse_args(argv=None):
     opt.add_argument('--cpu', action='store_true',
                      help='Train on the CPU even when a GPU is available. Without a GPU this is the default, and '
                           'several processes started by torchrun then train together over gloo.')
+    opt.add_argument('--cpu_threads', type=int, default=None,
+                     help='Torch threads per process when training on the CPU. Default: the usable CPU cores divided '
+                          'by the processes on this machine. accelerate launch sets OMP_NUM_THREADS=1 unless given '
+                          '--num_cpu_threads_per_process, and this option overrides that.')
     opt.add_argument('--compile', action='store_true', help='Compile the model with torch.compile (CUDA mostly).')
     opt.add_argument('--seed', type=int, default=42, help='Random seed for initialisation, shuffling and augmentation.')
 
@@ -278,6 +282,13 @@ def find_checkpoint(args) -> Path:
     return found[-1]
 
 
+def default_cpu_threads(num_processes: int) -> int:
+    """Return the usable CPU cores divided by the processes that share this machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    local_processes = int(os.environ.get('LOCAL_WORLD_SIZE', num_processes))
+    return max(1, cores // max(1, local_processes))
+
+
 def main(argv=None):
     args = parse_args(argv)
     start_time = time.time()
@@ -294,6 +305,9 @@ def main(argv=None):
     import logging
     logging.basicConfig(format='%(asctime)s %(levelname)s %(name)s: %(message)s', level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
+    if accelerator.device.type == 'cpu':
+        torch.set_num_threads(args.cpu_threads or default_cpu_threads(accelerator.num_processes))
+        logger.info('Using %d torch thread(s) per process on the CPU.', torch.get_num_threads())
     set_seed(args.seed)
 
     # Model and its preprocessing.
@@ -467,6 +481,7 @@ def main(argv=None):
             sys.argv[1:] if argv is None else argv))
         hardware = (f'{accelerator.num_processes} process(es) on {accelerator.device.type}, '
                     f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, '
+                    f'{torch.get_num_threads()} torch threads per process, '
                     f'torch {torch.__version__}, timm {timm.__version__}')
         history_lines = '\n'.join(
             f"| {h['epoch']} | {100 * h['accuracy']:.2f}% | {100 * h['mean_class_accuracy']:.2f}% |" for h in history)

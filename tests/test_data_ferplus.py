@@ -298,6 +298,7 @@ def test_microsoft_layout_missing_split(tmp_path):
 @requires_shared
 @pytest.mark.parametrize('defect, message', [
     ('truncated', 'not a readable image'),
+    ('empty', 'empty file (0 bytes)'),
     ('missing', 'not found'),
     ('field_count', 'line 3: expected 12 fields'),
     ('non_integer', "line 3: vote count for 'happiness' is 'x'"),
@@ -311,6 +312,8 @@ def test_microsoft_layout_bad_data_raises(tmp_path, defect, message):
     if defect == 'truncated':
         data = (folder / name).read_bytes()
         (folder / name).write_bytes(data[:len(data) // 2])
+    elif defect == 'empty':
+        (folder / name).write_bytes(b'')
     elif defect == 'missing':
         (folder / name).unlink()
     elif defect == 'field_count':

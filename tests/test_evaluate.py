@@ -212,6 +212,29 @@ def test_missing_split_folder_raises(tmp_path):
         evaluate_split(_random_tiny_model(2), tmp_path / 'absent')
 
 
+def test_missing_model_folder_raises(tmp_path, split_dir):
+    absent = tmp_path / 'no_such_export'
+    with pytest.raises(FileNotFoundError) as info:
+        evaluate_split(f'local-dir:{absent}', split_dir)
+    assert f'Model folder {absent} not found' in str(info.value)
+
+
+def test_folder_without_config_raises(tmp_path, split_dir):
+    with pytest.raises(FileNotFoundError) as info:
+        evaluate_split(f'local-dir:{tmp_path}', split_dir)
+    assert f'{tmp_path} contains no config.json' in str(info.value)
+
+
+def test_cli_reports_missing_model_folder(tmp_path, split_dir, capsys):
+    from transfer_timm.cli import main
+    absent = tmp_path / 'no_such_export'
+    status = main(['evaluate', f'local-dir:{absent}', str(split_dir)])
+    captured = capsys.readouterr()
+    assert status != 0
+    assert f'Model folder {absent} not found' in captured.err
+    assert captured.out == ''
+
+
 def test_reproduces_training_example_metrics(tmp_path):
     """A one-epoch run of examples/finetune_ferplus.py writes metrics.json. Evaluating its
     export on the same validation folder gives the same numbers exactly."""

@@ -46,6 +46,22 @@ def test_default_run_writes_export(default_run):
     assert '![Confusion matrix](confusion_matrix.png)' in card
 
 
+def test_cpu_threads_default_to_usable_cores(default_run):
+    _, result = default_run
+    cores = len(os.sched_getaffinity(0))
+    # accelerate launch would set OMP_NUM_THREADS=1, as run_example does; the example overrides it.
+    assert f'Using {cores} torch thread(s) per process on the CPU.' in result.stderr
+    card = (default_run[0] / 'export' / 'README.md').read_text()
+    assert f'{cores} torch threads per process' in card
+
+
+def test_cpu_threads_option_sets_threads(default_run, tmp_path):
+    export = default_run[0] / 'export'
+    result = run_example('--model', f'local-dir:{export}', '--pretrained', '--eval_only', '--max_eval_samples', '8',
+                         '--cpu_threads', '1', '--output_dir', tmp_path)
+    assert 'Using 1 torch thread(s) per process on the CPU.' in result.stderr
+
+
 def test_export_loads_with_timm(default_run):
     out, _ = default_run
     export = out / 'export'
@@ -143,6 +159,6 @@ def test_one_and_two_processes_agree(default_run, tmp_path):
 def test_help_documents_every_argument():
     result = subprocess.run([sys.executable, str(EXAMPLE), '--help'], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0
-    for option in ('--model', '--data_dir', '--label_mode', '--resume_from_checkpoint', '--layer_decay',
+    for option in ('--model', '--data_dir', '--label_mode', '--resume_from_checkpoint', '--layer_decay', '--cpu_threads',
                    '--gradient_accumulation_steps', '--mixed_precision', '--max_train_samples'):
         assert option in result.stdout, option

@@ -461,6 +461,7 @@ def test_bad_files_give_error_records(predictor, single_face, tmp_path):
         assert result.error is not None, path
         assert str(path) in result.error
         assert result.to_dict()['error'] == result.error
+    assert 'empty (0 bytes)' in results[2].error
 
 
 def test_image_input_carries_source_and_frame(predictor, single_face):

@@ -187,8 +187,9 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
                         help='FER+ label mode that selects the images and gives each its label. Default: majority.')
     parser.add_argument('--batch-size', type=int, default=256, metavar='N',
                         help='Images per forward pass. Default: 256.')
-    parser.add_argument('--device', default='cpu',
-                        help='Device to run the model on, for example cpu or cuda. Default: cpu.')
+    parser.add_argument('--device', default=None,
+                        help='Torch device for the model, for example cpu or cuda:0. Default: cuda if available, '
+                             'else cpu.')
     parser.add_argument('--skip-bad', action='store_true',
                         help='Skip malformed label rows and unreadable images instead of stopping with an error.')
     parser.set_defaults(handler=run_evaluate)
@@ -199,8 +200,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from transfer_timm.data import DataError
     from transfer_timm.training.evaluate import evaluate_split
     try:
+        import torch
+        device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
         metrics = evaluate_split(args.model, args.data_dir, label_mode=args.label_mode, batch_size=args.batch_size,
-                                 device=args.device, skip_bad=args.skip_bad)
+                                 device=device, skip_bad=args.skip_bad)
     except DataError as e:
         # Bad rows and images can be skipped; a missing folder cannot.
         skippable = ', line ' in str(e) or 'image' in str(e)

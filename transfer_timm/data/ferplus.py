@@ -224,6 +224,8 @@ def _parse_label_row(fields: Sequence[str], where: str) -> Tuple[str, List[int]]
 
 def check_image_bytes(data: bytes, where: str) -> None:
     """Decode ``data`` with PIL and raise :class:`DataError` naming ``where`` if that fails."""
+    if not data:
+        raise DataError(f'{where}: empty file (0 bytes), not an image.')
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()

@@ -26,7 +26,11 @@ def load_image(path: Union[str, os.PathLike]) -> Image.Image:
     non-image file. The returned image keeps the file's mode (for example 'I;16',
     'CMYK' or 'P'), which :func:`transfer_timm.data.to_model_mode` converts.
     """
-    with Image.open(Path(path)) as img:
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        # Pillow reports an empty file as an unidentified format, like a text file.
+        raise OSError(f'{path} is empty (0 bytes).')
+    with Image.open(path) as img:
         img.load()
         return ImageOps.exif_transpose(img)
 

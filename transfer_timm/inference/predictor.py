@@ -19,7 +19,7 @@ import torch.nn as nn
 from PIL import Image
 
 from transfer_timm.data import create_eval_transform, image_mode_for, normalize, to_model_mode
-from transfer_timm.models import FERPLUS_LABEL_NAMES
+from transfer_timm.models import FERPLUS_LABEL_NAMES, create_pretrained
 
 from .detect import FaceBox, FaceDetector, clip_box, create_detector
 from .images import IMAGE_READ_ERRORS, load_image, to_pil_image
@@ -125,7 +125,9 @@ def load_model(spec: str, pretrained: bool = True) -> nn.Module:
                     stacklevel=2,
                 )
                 pretrained = False
-    return timm.create_model(spec, pretrained=pretrained)
+    if not pretrained:
+        return timm.create_model(spec, pretrained=False)
+    return create_pretrained(spec)
 
 
 def label_names_for(model: nn.Module, num_classes: Optional[int] = None) -> List[str]:

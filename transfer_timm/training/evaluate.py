@@ -14,11 +14,11 @@ from typing import Dict, List, Sequence, Union
 import torch
 import torch.nn as nn
 
-import timm
 from timm.data import resolve_data_config
 
 from ..data import FERPLUS_CLASSES, DataError, create_eval_transform, load_ferplus_split, normalize
 from ..data.cache import decode_to_tensors
+from ..models import create_pretrained
 from .metrics import confusion_matrix, metrics_from_confusion
 
 _logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def load_model(spec: str) -> nn.Module:
     folder) or ``hf-hub:ORG/NAME``. Importing this package has already registered the
     TransFER and IR architectures with timm.
     """
-    return timm.create_model(spec, pretrained=True)
+    return create_pretrained(spec)
 
 
 def _label_names(model: nn.Module) -> List[str]:
