@@ -134,10 +134,11 @@ def parse_args(argv=None):
     opt.add_argument('--cpu', action='store_true',
                      help='Train on the CPU even when a GPU is available. Without a GPU this is the default, and '
                           'several processes started by torchrun then train together over gloo.')
-    opt.add_argument('--cpu_threads', type=int, default=None,
-                     help='Torch threads per process when training on the CPU. Default: the usable CPU cores divided '
-                          'by the processes on this machine. accelerate launch sets OMP_NUM_THREADS=1 unless given '
-                          '--num_cpu_threads_per_process, and this option overrides that.')
+    opt.add_argument('--cpu_threads', type=positive_int, default=None,
+                     help='Torch threads per process when training on the CPU. Default: OMP_NUM_THREADS if set, else '
+                          'the usable CPU cores divided by the processes on this machine. Under accelerate launch, '
+                          'which sets OMP_NUM_THREADS=1 unless given --num_cpu_threads_per_process, a value of 1 '
+                          'counts as unset, so pass --cpu_threads 1 for one thread.')
     opt.add_argument('--compile', action='store_true', help='Compile the model with torch.compile (CUDA mostly).')
     opt.add_argument('--seed', type=int, default=42, help='Random seed for initialisation, shuffling and augmentation.')
 
@@ -282,8 +283,24 @@ def find_checkpoint(args) -> Path:
     return found[-1]
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text}')
+    return value
+
+
 def default_cpu_threads(num_processes: int) -> int:
-    """Return the usable CPU cores divided by the processes that share this machine."""
+    """Return the torch threads per process: OMP_NUM_THREADS if the user set it, else cores per local process.
+
+    accelerate launch sets OMP_NUM_THREADS=1 whenever --num_cpu_threads_per_process is not
+    given, so under accelerate launch (which sets ACCELERATE_DYNAMO_BACKEND) a value of 1
+    is treated as unset.
+    """
+    requested = os.environ.get('OMP_NUM_THREADS', '')
+    launched_by_accelerate = 'ACCELERATE_DYNAMO_BACKEND' in os.environ
+    if requested.isdigit() and int(requested) > 0 and not (launched_by_accelerate and requested == '1'):
+        return int(requested)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
     local_processes = int(os.environ.get('LOCAL_WORLD_SIZE', num_processes))
     return max(1, cores // max(1, local_processes))

@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / 'examples' / 'finetune_ferplus.py'
 
 
-def run_example(*args, launcher=None, timeout=600):
+def run_example(*args, launcher=None, timeout=600, extra_env=None):
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1'), PYTHONUNBUFFERED='1')
+    env.update(extra_env or {})
     cmd = (launcher or [sys.executable]) + [str(EXAMPLE), *map(str, args)]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f'{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}'
@@ -46,20 +47,35 @@ def test_default_run_writes_export(default_run):
     assert '![Confusion matrix](confusion_matrix.png)' in card
 
 
-def test_cpu_threads_default_to_usable_cores(default_run):
+def test_cpu_threads_follow_omp_num_threads(default_run):
     _, result = default_run
-    cores = len(os.sched_getaffinity(0))
-    # accelerate launch would set OMP_NUM_THREADS=1, as run_example does; the example overrides it.
-    assert f'Using {cores} torch thread(s) per process on the CPU.' in result.stderr
+    threads = os.environ.get('OMP_NUM_THREADS', '1')
+    assert f'Using {threads} torch thread(s) per process on the CPU.' in result.stderr
     card = (default_run[0] / 'export' / 'README.md').read_text()
-    assert f'{cores} torch threads per process' in card
+    assert f'{threads} torch threads per process' in card
+
+
+def test_cpu_threads_under_accelerate_use_cores(default_run, tmp_path):
+    # accelerate launch exports OMP_NUM_THREADS=1 and ACCELERATE_DYNAMO_BACKEND; the example then uses the cores.
+    export = default_run[0] / 'export'
+    result = run_example('--model', f'local-dir:{export}', '--pretrained', '--eval_only', '--max_eval_samples', '8',
+                         '--output_dir', tmp_path, extra_env={'OMP_NUM_THREADS': '1', 'ACCELERATE_DYNAMO_BACKEND': 'NO'})
+    cores = len(os.sched_getaffinity(0))
+    assert f'Using {cores} torch thread(s) per process on the CPU.' in result.stderr
 
 
 def test_cpu_threads_option_sets_threads(default_run, tmp_path):
     export = default_run[0] / 'export'
     result = run_example('--model', f'local-dir:{export}', '--pretrained', '--eval_only', '--max_eval_samples', '8',
-                         '--cpu_threads', '1', '--output_dir', tmp_path)
+                         '--cpu_threads', '1', '--output_dir', tmp_path, extra_env={'OMP_NUM_THREADS': '2'})
     assert 'Using 1 torch thread(s) per process on the CPU.' in result.stderr
+
+
+def test_cpu_threads_rejects_zero():
+    result = subprocess.run([sys.executable, str(EXAMPLE), '--cpu_threads', '0'], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 2
+    assert 'expected a positive integer, got 0' in result.stderr
 
 
 def test_export_loads_with_timm(default_run):

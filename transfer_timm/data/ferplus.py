@@ -229,7 +229,9 @@ def check_image_bytes(data: bytes, where: str) -> None:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except UnidentifiedImageError:
+        raise DataError(f'{where}: not a readable image (unknown image format).') from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f'{where}: not a readable image ({e}).') from None
 
 
