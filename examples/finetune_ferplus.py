@@ -66,9 +66,9 @@ def parse_args(argv=None):
                         help='Input channels: 1 feeds grayscale faces, 3 feeds RGB. None keeps the model\'s pretrained cfg.')
     parser.add_argument('--drop_path_rate', type=float, default=0.1, help='Stochastic depth rate of the model.')
     parser.add_argument('--mad_p', type=float, default=None,
-                        help='MAD drop probability for TransFER models. Default: the model\'s own (0.6).')
+                        help='MAD drop probability for TransFER models. None keeps the model\'s own (0.6).')
     parser.add_argument('--msad_p', type=float, default=None,
-                        help='MSAD drop probability for TransFER models. Default: the model\'s own (0.3).')
+                        help='MSAD drop probability for TransFER models. None keeps the model\'s own (0.3).')
 
     # Data.
     data = parser.add_argument_group('data (at most one source; none trains on the bundled sample)')

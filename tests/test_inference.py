@@ -462,6 +462,9 @@ def test_bad_files_give_error_records(predictor, single_face, tmp_path):
         assert str(path) in result.error
         assert result.to_dict()['error'] == result.error
     assert 'empty (0 bytes)' in results[2].error
+    assert 'unknown image format' in results[3].error
+    assert f'Image {missing} not found' in results[4].error
+    assert 'is a folder, not an image' in results[5].error
 
 
 def test_image_input_carries_source_and_frame(predictor, single_face):

@@ -105,6 +105,19 @@ class ImageInput:
     timestamp: Optional[float] = None
 
 
+def _describe_read_error(path: str, error: Exception) -> str:
+    """Return a one-line error record for an image file that could not be read."""
+    if isinstance(error, FileNotFoundError):
+        return f'Image {path} not found. Check the path.'
+    if isinstance(error, IsADirectoryError):
+        return f'{path} is a folder, not an image. Pass the folder itself to predict every image inside it.'
+    if isinstance(error, Image.UnidentifiedImageError):
+        return f'{path} is not a readable image (unknown image format). Pass a JPEG, PNG or other Pillow format.'
+    if path in str(error):
+        return f"Failed to read image: {str(error).rstrip('.')}. Re-export or replace the file."
+    return f'{path} is not a readable image ({type(error).__name__}: {error}). Re-export or replace the file.'
+
+
 def load_model(spec: str, pretrained: bool = True) -> nn.Module:
     """Create a timm model from a name, ``name.tag``, ``local-dir:PATH`` or ``hf-hub:ID``.
 
@@ -321,7 +334,7 @@ class FacePredictor:
             try:
                 image = load_image(item.image)
             except IMAGE_READ_ERRORS as e:
-                record.error = f'Failed to read image {os.fspath(item.image)}: {type(e).__name__}: {e}'
+                record.error = _describe_read_error(os.fspath(item.image), e)
                 _logger.warning(record.error)
                 return record, [], [], []
         else:
