@@ -199,9 +199,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import json
     from transfer_timm.data import DataError
     from transfer_timm.training.evaluate import evaluate_split
+    import torch
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     try:
-        import torch
-        device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
         metrics = evaluate_split(args.model, args.data_dir, label_mode=args.label_mode, batch_size=args.batch_size,
                                  device=device, skip_bad=args.skip_bad)
     except DataError as e:

@@ -29,7 +29,7 @@ def load_image(path: Union[str, os.PathLike]) -> Image.Image:
     path = Path(path)
     if path.is_file() and path.stat().st_size == 0:
         # Pillow reports an empty file as an unidentified format, like a text file.
-        raise OSError(f'{path} is empty (0 bytes).')
+        raise OSError('the file is empty (0 bytes)')
     with Image.open(path) as img:
         img.load()
         return ImageOps.exif_transpose(img)

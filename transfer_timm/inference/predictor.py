@@ -113,8 +113,6 @@ def _describe_read_error(path: str, error: Exception) -> str:
         return f'{path} is a folder, not an image. Pass the folder itself to predict every image inside it.'
     if isinstance(error, Image.UnidentifiedImageError):
         return f'{path} is not a readable image (unknown image format). Pass a JPEG, PNG or other Pillow format.'
-    if path in str(error):
-        return f"Failed to read image: {str(error).rstrip('.')}. Re-export or replace the file."
     return f'{path} is not a readable image ({type(error).__name__}: {error}). Re-export or replace the file.'
 
 
